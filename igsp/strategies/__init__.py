@@ -1,0 +1,1 @@
+"""Built-in strategies: zero-shot, sequential fine-tuning and iGSP."""
