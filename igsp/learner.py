@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint as checkpoints
 from .backbone import Backbone, load_backbone
+from .config import settings_to_dict
 from .data.loading import TensorCache, infinite_batches
 from .data.task import Task, TaskStream
 from .evaluation import Evaluator
@@ -267,11 +268,11 @@ class ContinualLearner:
     def _evaluate_after(self, task_index: int) -> None:
         row, selection = self.evaluator.evaluate_stream(task_index)
         self.results.set_row(task_index, row, selection)
-        self.hooks.igsp_after_eval(learner=self, task_index=task_index, accuracies=row)
-        self.log({f"eval/acc/{name}": value for name, value in row.items()})
         if self.out_dir is not None:
             self.save_checkpoint()
             self.results.write(self.out_dir)
+        self.log({f"eval/acc/{name}": value for name, value in row.items()})
+        self.hooks.igsp_after_eval(learner=self, task_index=task_index, accuracies=row)
 
     def _finish(self, error: BaseException | None) -> None:
         self.results.finished = error is None and self.results.rows_done == self.num_tasks
@@ -306,7 +307,7 @@ class ContinualLearner:
             "plugin_state": self.plugin_state(),
             "results": self.results.to_dict(),
             "rng": rng_state(),
-            "settings": checkpoints.settings_to_dict(self.settings),
+            "settings": settings_to_dict(self.settings),
         }
         return checkpoints.save(self.out_dir / checkpoints.FILENAME, payload)
 
