@@ -102,6 +102,7 @@ class Backbone(nn.Module):
         self.experts = nn.ModuleDict()
         self.layer_names: dict[str, str] = {}
         self.contexts = {tower: RoutingContext() for tower in TOWERS}
+        self.always_record = False
         self._targets: dict[str, InjectionTarget] = {}
         self._handles: dict[str, Any] = {}
         self.freeze()
@@ -181,7 +182,7 @@ class Backbone(nn.Module):
         context = self.contexts[tower]
         context.route_keys = list(routes.keys) if routes is not None else []
         context.assignment = routes.assignment if routes is not None else None
-        context.record = record
+        context.record = record or self.always_record
         context.capture = capture
         context.token_index = token_index
         try:

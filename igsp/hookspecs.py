@@ -56,6 +56,15 @@ class RegistrySpec:
         """
 
     @hookspec
+    def igsp_register_regularisers(self, register: Callable[..., None]) -> None:
+        """Register iGSP phase-1 regularisers by calling ``register(name, factory, description="")``.
+
+        ``factory(**options)`` returns a callable ``regulariser(views) -> Tensor | None`` that
+        receives one :class:`~igsp.regularisers.LayerView` per MoE layer of the current task.
+        The iGSP strategy's ``regulariser`` option picks one by name. Returns nothing.
+        """
+
+    @hookspec
     def igsp_register_streams(self, register: Callable[..., None]) -> None:
         """Register task streams by calling ``register(name, factory, description="")``.
 

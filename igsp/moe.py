@@ -249,6 +249,7 @@ class MoELayer(nn.Module):
         self.next_expert_id = 0
         self.stats: dict[str, list[Any]] = {}
         self.captured_tokens: torch.Tensor | None = None
+        self.last_probabilities: dict[str, torch.Tensor] = {}
 
     # ---- structure -------------------------------------------------------------------------
 
@@ -394,6 +395,8 @@ class MoELayer(nn.Module):
         for key, rows in routes:
             router = self.routers[key]
             route_gates, dense = router.gates(z[rows])
+            if self.training:
+                self.last_probabilities[key] = dense
             if context.record:
                 self._record(key, dense)
             columns = torch.tensor([column.get(i, -1) for i in router.expert_ids], device=z.device)

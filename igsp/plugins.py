@@ -42,6 +42,8 @@ BUILTIN_PLUGINS = (
     "igsp.strategies.builtin",
     "igsp.selectors",
     "igsp.data.streams",
+    "igsp.regularisers",
+    "igsp.contrib.routing_mass",
 )
 CONTROL_FLOW = (CancelBatch, CancelPhase, CancelTask, CancelRun, KeyboardInterrupt)
 
@@ -58,17 +60,23 @@ class RegistryEntry:
 
 @dataclass
 class Registry:
-    """Named strategies, selectors and streams from built-in and installed plugins."""
+    """Named strategies, selectors, streams and regularisers from built-in and installed plugins."""
 
     manager: pluggy.PluginManager
     strategies: dict[str, RegistryEntry] = field(default_factory=dict)
     selectors: dict[str, RegistryEntry] = field(default_factory=dict)
     streams: dict[str, RegistryEntry] = field(default_factory=dict)
+    regularisers: dict[str, RegistryEntry] = field(default_factory=dict)
     distributions: dict[str, str] = field(default_factory=dict)
 
     def get(self, kind: str, name: str) -> RegistryEntry:
         """Return the entry ``name`` of ``kind`` (strategy, selector or stream) or raise ConfigError."""
-        table = {"strategy": self.strategies, "selector": self.selectors, "stream": self.streams}[kind]
+        table = {
+            "strategy": self.strategies,
+            "selector": self.selectors,
+            "stream": self.streams,
+            "regulariser": self.regularisers,
+        }[kind]
         if name not in table:
             raise ConfigError(
                 f"Unknown {kind} {name!r}; available: {sorted(table)}. "
@@ -146,6 +154,7 @@ def _collect(registry: Registry) -> None:
         ("strategy", registry.strategies, hooks.igsp_register_strategies),
         ("selector", registry.selectors, hooks.igsp_register_selectors),
         ("stream", registry.streams, hooks.igsp_register_streams),
+        ("regulariser", registry.regularisers, hooks.igsp_register_regularisers),
     ):
         for implementation in reversed(hook.get_hookimpls()):
             register = _make_register(kind, table, implementation.plugin_name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..hookspecs import hookimpl
 from .finetune import FineTune
+from .igsp import IGSP
 from .zeroshot import ZeroShot
 
 __all__ = ["igsp_register_strategies"]
@@ -13,3 +14,4 @@ __all__ = ["igsp_register_strategies"]
 def igsp_register_strategies(register) -> None:
     register("zeroshot", ZeroShot, "no training: the frozen backbone's zero-shot accuracy")
     register("finetune", FineTune, "one shared low-rank adapter set trained on every task in turn")
+    register("igsp", IGSP, "iGSP: subspace-regularised expansion, router-convergence pruning, orthogonal fine-tuning")
