@@ -124,7 +124,12 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides; ``strategy=igsp`` sets the strategy's name."""
+    """Apply ``key=value`` overrides in order.
+
+    A bare table name sets that table's main key: ``strategy=igsp`` sets ``strategy.name`` and
+    ``backbone=ViT-B-32`` sets ``backbone.model`` (and clears ``backbone.pretrained``). Short
+    aliases: ``steps``, ``batch_size``, ``selector``, ``rank``, ``data.root``, ``data.layout``.
+    """
     result = copy.deepcopy(recipe)
     for override in overrides:
         if "=" not in override:
@@ -133,6 +138,9 @@ def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str]) -> dict[st
         key = ALIASES.get(key.strip(), key.strip())
         value = parse_value(text.strip())
         parts = key.split(".")
+        if parts == ["backbone"]:
+            # Another model name means that model's default weights unless pretrained is set too.
+            result.setdefault("backbone", {})["pretrained"] = ""
         if len(parts) == 1 and parts[0] in NAMED_SECTIONS:
             parts = [parts[0], NAMED_SECTIONS[parts[0]]]
         target = result

@@ -19,6 +19,7 @@ __all__ = ["build_learner", "run_settings", "resume_run", "default_out_dir", "RE
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.json"
+FEWSHOT_FILE = "fewshot_indices.json"
 
 
 def default_out_dir(settings: RunSettings) -> Path:
@@ -57,11 +58,23 @@ def write_recipe(settings: RunSettings, out_dir: Path) -> None:
     write_text_atomic(out_dir / RECIPE_FILE, json.dumps(settings_to_dict(settings), indent=1))
 
 
+def write_fewshot_indices(learner: ContinualLearner, out_dir: Path) -> None:
+    """Save the training indices that few-shot sampling chose, per task, next to the results."""
+    chosen = {
+        task.name: task.metadata["fewshot_indices"]
+        for task in learner.stream
+        if "fewshot_indices" in task.metadata
+    }
+    if chosen:
+        write_text_atomic(out_dir / FEWSHOT_FILE, json.dumps(chosen))
+
+
 def run_settings(settings: RunSettings, out_dir: str | Path | None = None, callbacks: Sequence[Any] = ()) -> RunResults:
     """Run a whole stream and return its results; files go to ``out_dir``."""
     out = Path(out_dir) if out_dir is not None else default_out_dir(settings)
     learner = build_learner(settings, out, callbacks)
     write_recipe(settings, out)
+    write_fewshot_indices(learner, out)
     logger.info("Run folder: %s", out)
     return learner.fit_stream()
 
