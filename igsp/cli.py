@@ -29,7 +29,7 @@ from typer.core import TyperGroup
 from . import __version__
 from . import checkpoint as checkpoints
 from .cli_progress import RichProgress
-from .cli_tables import print_results
+from .cli_tables import imported_renderables, print_results, reference_table
 from .config import apply_overrides, find_recipe, list_recipes, load_recipe, resolve_settings, settings_to_dict
 from .exceptions import ConfigError, IgspError
 from .hookspecs import PROJECT, LoopSpec
@@ -49,12 +49,20 @@ HOOKIMPL_MARKER = f"{PROJECT}_impl"
 # ---- state shared by one invocation ------------------------------------------------------------
 
 
+def make_console(stderr: bool = False) -> Console:
+    """Return a console; when output is not a terminal, wide enough for an 11-task matrix."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=max(console.width, 200))
+    return console
+
+
 @dataclass
 class CliState:
     """Consoles and flags of the current invocation, set by the root callback."""
 
-    out: Console = field(default_factory=Console)
-    err: Console = field(default_factory=lambda: Console(stderr=True))
+    out: Console = field(default_factory=make_console)
+    err: Console = field(default_factory=lambda: make_console(stderr=True))
     debug: bool = False
     quiet: bool = False
     handler: RichHandler | None = None
@@ -416,16 +424,46 @@ def resume(
 
 
 @app.command()
-def report(run_dir: RunDirArgument) -> None:
-    """Print the tables of a finished or partial run from its results.json."""
+def report(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run folder written by `igsp recipe run`.")] = None,
+    import_file: Annotated[
+        Optional[Path],
+        typer.Option("--import", help="A published accuracy matrix (CSV or .npy, 11 x 11 or 11 x 12) to report instead of a run."),
+    ] = None,
+    drop_column: Annotated[int, typer.Option(help="Column dropped from an 11 x 12 matrix (CIFAR10 is column 2 in Order I).")] = 2,
+    reference: Annotated[bool, typer.Option("--reference", help="Also show the published Order-I results of earlier methods.")] = False,
+) -> None:
+    """Print the tables of a finished or partial run, or of an imported published matrix."""
+    if import_file is not None:
+        report_import(import_file, drop_column)
+        return
+    if run_dir is None:
+        raise ConfigError("Pass a run folder, or --import FILE for a published matrix.")
     results = read_results(run_dir)
     print_results(state().out, results)
+    if reference:
+        state().out.print(reference_table(results))
     done, total = results.rows_done, len(results.task_names)
     if done < total:
         state().out.print(
             Text(f"Continue the run with: igsp resume {shlex.quote(str(run_dir))}", style="yellow"),
             soft_wrap=True,
         )
+
+
+def report_import(path: Path, drop_column: int) -> None:
+    """Print the metrics of a published matrix; 11-task matrices get the MTIL Order-I task names."""
+    from .data.mtil import MTIL_ORDER_1
+    from .published import import_matrix
+
+    matrix = import_matrix(path, drop_column)
+    size = matrix.shape[0]
+    names = list(MTIL_ORDER_1) if size == len(MTIL_ORDER_1) else [f"task {i + 1}" for i in range(size)]
+    results = RunResults.empty(names, path.name, "-")
+    results.matrix = matrix.tolist()
+    for item in imported_renderables(results):
+        state().out.print(item, soft_wrap=isinstance(item, Text))
+        state().out.print()
 
 
 # ---- plugins and hooks -------------------------------------------------------------------------

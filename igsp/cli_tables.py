@@ -71,10 +71,10 @@ def matrix_note(results: RunResults) -> Text | None:
     return Text(f"Partial run: {done} of {total} tasks trained; blank rows are tasks not trained yet.", style="yellow")
 
 
-def metrics_table(results: RunResults) -> Table:
+def metrics_table(results: RunResults, per_task_decimals: int | None = None) -> Table:
     """Return each task's Transfer, Avg and Last with their means, as MTIL papers tabulate them."""
     columns = metrics.per_task(results.matrix)
-    summary = results.summary()
+    summary = metrics.summary(results.matrix, per_task_decimals)
     table = Table(title="MTIL metrics (%)", title_justify="left")
     table.add_column("Metric", no_wrap=True)
     for name in results.task_names:
@@ -87,9 +87,9 @@ def metrics_table(results: RunResults) -> Table:
     return table
 
 
-def summary_line(results: RunResults) -> Text:
+def summary_line(results: RunResults, per_task_decimals: int | None = None) -> Text:
     """Return one line with Transfer, Avg, Last, backward transfer and forgetting (percent)."""
-    summary = results.summary()
+    summary = metrics.summary(results.matrix, per_task_decimals)
     parts = [
         ("Transfer", summary["transfer"]),
         ("Avg", summary["avg"]),
@@ -207,3 +207,29 @@ def print_results(console: Console, results: RunResults) -> None:
     for item in results_renderables(results):
         console.print(item, soft_wrap=isinstance(item, Text))
         console.print()
+
+
+def reference_table(results: RunResults | None = None) -> Table:
+    """Return published MTIL Order-I results, with this run's numbers as the last row when given."""
+    from .published import PUBLISHED_ORDER1
+
+    table = Table(title="Published MTIL Order I, full shot (%)", title_justify="left")
+    for column in ("Method", "Transfer", "Avg", "Last"):
+        table.add_column(column, justify="left" if column == "Method" else "right")
+    for method, values in PUBLISHED_ORDER1.items():
+        table.add_row(method, *(f"{value:.1f}" for value in values))
+    if results is not None:
+        summary = results.summary()
+        label = f"this run ({results.strategy})"
+        table.add_row(plain(label, "bold"), *(format_percent(summary[key]) for key in ("transfer", "avg", "last")))
+    return table
+
+
+def imported_renderables(results: RunResults) -> list[RenderableType]:
+    """Return the tables of an imported matrix, rounded per task as published tables are."""
+    note = Text("Means of per-task values rounded to one decimal, as published MTIL tables compute them.")
+    return [
+        Text(f"Imported matrix {results.strategy}", style="bold"),
+        matrix_table(results),
+        Group(metrics_table(results, per_task_decimals=1), summary_line(results, per_task_decimals=1), note),
+    ]

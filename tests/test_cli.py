@@ -301,3 +301,40 @@ def test_module_entry_error_line():
     assert completed.stderr.startswith("error: ")
     assert "stepz" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+REFERENCE = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("zscl-order1-zscl.csv", "Transfer 68.1   Avg 75.4   Last 83.6"),
+     ("zscl-order1-sequential-finetune.csv", "Transfer 44.6   Avg 55.9   Last 77.3")],
+)
+def test_report_import_published_matrix(runner, name, expected):
+    result = runner.invoke(app, ["report", "--import", str(REFERENCE / name)])
+    assert result.exit_code == 0, result.output
+    assert expected in result.stdout
+    assert "SUN397" in result.stdout
+
+
+def test_report_import_bad_matrix(runner, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("1,2,3,4\n5,6,7,8\n")
+    result = runner.invoke(app, ["report", "--import", str(path)])
+    assert result.exit_code == 2
+    assert "2 x 4" in result.stderr
+
+
+def test_report_reference_rows(runner, smoke_run):
+    run_dir, _ = smoke_run
+    result = runner.invoke(app, ["report", str(run_dir), "--reference"])
+    assert result.exit_code == 0, result.output
+    assert "MoE-Adapters" in result.stdout
+    assert "this run (finetune)" in result.stdout
+
+
+def test_report_needs_folder_or_import(runner):
+    result = runner.invoke(app, ["report"])
+    assert result.exit_code == 2
+    assert "--import" in result.stderr
