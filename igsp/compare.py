@@ -340,7 +340,8 @@ def _run_one(
     try:
         results: RunResults | None = run_settings(strategy_settings, run_dir, callbacks)
     except Exception as caught:  # noqa: BLE001 - a failing strategy must not stop the comparison
-        logger.error("Strategy %s failed: %s: %s", name, type(caught).__name__, caught, exc_info=True)
+        logger.error("Strategy %s failed: %s: %s", name, type(caught).__name__, caught)
+        logger.debug("Traceback of strategy %s's failure:", name, exc_info=True)
         error = f"{type(caught).__name__}: {caught}"
         results = RunResults.read(run_dir) if (run_dir / RESULTS_FILE).is_file() else None
     wall = time.perf_counter() - started

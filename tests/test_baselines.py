@@ -30,7 +30,12 @@ from igsp.data.synthetic import build_synthetic_stream
 from igsp.exceptions import ConfigError
 from igsp.plugins import get_registry
 from igsp.results import RunResults
-from igsp_baselines import LoraPerTask, MoEAdapters, SimilarityMoE, decide_sharing, most_selected
+try:
+    from igsp_baselines import LoraPerTask, MoEAdapters, SimilarityMoE, decide_sharing, most_selected
+except ModuleNotFoundError as missing:
+    raise ImportError(
+        "The igsp-baselines distribution is not installed; run `.venv/bin/pip install --no-deps -e plugins/igsp-baselines`."
+    ) from missing
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
