@@ -298,8 +298,12 @@ def _load_open_clip(model: str, pretrained: str, cache_dir: str | None) -> Backb
         clip, train_transform, transform = open_clip.create_model_and_transforms(
             model, pretrained=checkpoint or None, cache_dir=cache_dir
         )
-    except RuntimeError as error:
-        if "size mismatch" in str(error) or "Missing key" in str(error) or "Unexpected key" in str(error):
+    except (RuntimeError, AssertionError) as error:
+        # open_clip asserts on a changed positional-embedding width before load_state_dict runs.
+        mismatch = isinstance(error, AssertionError) or any(
+            text in str(error) for text in ("size mismatch", "Missing key", "Unexpected key")
+        )
+        if checkpoint and mismatch:
             raise BackboneError(
                 f"Checkpoint {checkpoint!r} does not fit architecture {model!r}: {_first_lines(error)} "
                 "Pick the architecture that the checkpoint was trained with."

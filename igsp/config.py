@@ -99,6 +99,9 @@ def load_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
     parent = data.pop("extends", None)
     if parent is None:
         return data
+    sibling = path.parent / str(parent)
+    if str(parent).endswith(".toml") and not Path(parent).is_absolute() and sibling.is_file():
+        parent = str(sibling)  # a relative recipe path is read next to the recipe that names it
     if parent in _seen:
         raise ConfigError(f"Recipe {str(path)!r} extends {parent!r}, which extends it again.")
     base = load_recipe(parent, _seen + (name_or_path,))
@@ -192,7 +195,7 @@ def _named(recipe: dict[str, Any], section: str, config_class: type) -> Any:
     table = dict(_table(recipe, section))
     name = table.pop("name", None)
     if name is None:
-        return config_class()
+        return config_class(options=table)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{section}.name must be a non-empty string, got {name!r}.")
     return config_class(name=name, options=table)
