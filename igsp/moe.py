@@ -144,21 +144,36 @@ class Router(nn.Module):
         self.noise_std = float(noise_std)
         self.weight = nn.Parameter(torch.zeros(len(self.expert_ids), in_features)) if learnable else None
         self.register_buffer("mask", torch.ones(len(self.expert_ids), dtype=torch.bool))
+        self._active_cache: tuple[torch.Tensor, int, tuple[int, ...], list[int]] | None = None
 
     @property
     def active_ids(self) -> list[int]:
-        return [i for i, on in zip(self.expert_ids, self.mask.tolist()) if on]
+        """The unmasked expert ids, in router order.
+
+        The list is cached until the mask changes (a new tensor, or an in-place write such as a
+        state-dict load, which bumps the tensor's version counter), so reading it each forward
+        pass does not wait for the device.
+        """
+        cached = self._active_cache
+        ids = tuple(self.expert_ids)
+        if cached is not None and cached[0] is self.mask and cached[1] == self.mask._version and cached[2] == ids:
+            return cached[3]
+        active = [i for i, on in zip(ids, self.mask.tolist()) if on]
+        self._active_cache = (self.mask, self.mask._version, ids, active)
+        return active
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
             logits = z.new_zeros(z.shape[0], len(self.expert_ids), dtype=torch.float32)
         else:
-            logits = z.float() @ self.weight.float().T
+            # Routing stays in float32 under autocast: top-k choices and pruning compare these values.
+            with torch.autocast(z.device.type, enabled=False):
+                logits = z.float() @ self.weight.float().T
         return logits.masked_fill(~self.mask, float("-inf"))
 
     def probabilities(self, z: torch.Tensor) -> torch.Tensor:
         """Return the dense routing distribution (N, len(expert_ids)); masked experts get 0."""
-        if not bool(self.mask.any()):
+        if not self.active_ids:
             return z.new_zeros(z.shape[0], len(self.expert_ids), dtype=torch.float32)
         return torch.softmax(self.logits(z), dim=-1)
 
@@ -169,7 +184,8 @@ class Router(nn.Module):
         k largest (after optional training noise) and renormalise them to sum to 1.
         """
         dense = self.probabilities(z)
-        if not bool(self.mask.any()):
+        active = len(self.active_ids)
+        if active == 0:
             return dense, dense
         logits = self.logits(z)
         if self.training and self.noise_std > 0:
@@ -177,7 +193,7 @@ class Router(nn.Module):
         noisy = torch.softmax(logits, dim=-1) if self.noise_std > 0 and self.training else dense
         if self.gating == "dense":
             return noisy, dense
-        k = min(self.top_k, int(self.mask.sum()))
+        k = min(self.top_k, active)
         top_values, top_index = noisy.topk(k, dim=-1)
         gates = torch.zeros_like(noisy).scatter(-1, top_index, top_values)
         gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -230,10 +246,34 @@ class RoutingContext:
     token_index: torch.Tensor | None = None
     record: bool = False
     capture: bool = False
+    _partition: tuple[Any, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def active(self) -> bool:
         return self.assignment is not None and bool(self.route_keys)
+
+    def partition(self, device: torch.device) -> list[tuple[str, torch.Tensor | None, int]]:
+        """Return ``(key, rows, count)`` for every route that has samples, in ``route_keys`` order.
+
+        ``rows`` indexes the route's samples on ``device``, or is None when the route takes the
+        whole batch. The result is computed once per forward pass and shared by the tower's layers.
+        An assignment on the CPU (as :meth:`Routes.uniform` makes by default) costs no device
+        sync, and one on the GPU costs one.
+        """
+        assignment = self.assignment
+        signature = (assignment._version, tuple(self.route_keys), device)
+        cached = self._partition
+        if cached is not None and cached[0] is assignment and cached[1] == signature:
+            return cached[2]
+        parts = []
+        for index, key in enumerate(self.route_keys):
+            rows = (assignment == index).nonzero(as_tuple=True)[0]
+            count = rows.numel()
+            if count == 0:
+                continue
+            parts.append((key, None if count == assignment.shape[0] else rows.to(device), count))
+        self._partition = (assignment, signature, parts)
+        return parts
 
 
 class MoELayer(nn.Module):
@@ -250,6 +290,7 @@ class MoELayer(nn.Module):
         self.stats: dict[str, list[Any]] = {}
         self.captured_tokens: torch.Tensor | None = None
         self.last_probabilities: dict[str, torch.Tensor] = {}
+        self._columns: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- structure -------------------------------------------------------------------------
 
@@ -381,30 +422,39 @@ class MoELayer(nn.Module):
 
     def _gate_matrix(self, z: torch.Tensor, context: RoutingContext) -> tuple[torch.Tensor, list[int]]:
         """Build the (N, E) gate matrix over the experts any sample of the batch may use."""
-        assignment = context.assignment.to(z.device)
-        routes = []
-        for index, key in enumerate(context.route_keys):
-            if key not in self.routers:
-                continue
-            rows = (assignment == index).nonzero(as_tuple=True)[0]
-            if rows.numel() > 0:
-                routes.append((key, rows))
-        used_ids = sorted({i for key, _ in routes for i in self.routers[key].active_ids})
-        column = {expert_id: c for c, expert_id in enumerate(used_ids)}
+        routes = [(key, rows, count) for key, rows, count in context.partition(z.device) if key in self.routers]
+        used_ids = sorted({i for key, _, _ in routes for i in self.routers[key].active_ids})
         gates = z.new_zeros(z.shape[0], len(used_ids), dtype=torch.float32)
-        for key, rows in routes:
+        for key, rows, count in routes:
             router = self.routers[key]
-            route_gates, dense = router.gates(z[rows])
+            route_gates, dense = router.gates(z if rows is None else z[rows])
             if self.training:
                 self.last_probabilities[key] = dense
             if context.record:
                 self._record(key, dense)
-            columns = torch.tensor([column.get(i, -1) for i in router.expert_ids], device=z.device)
-            keep = columns >= 0
-            block = torch.zeros(rows.numel(), len(used_ids), dtype=torch.float32, device=z.device)
-            block[:, columns[keep]] = route_gates[:, keep]
-            gates = gates.index_put((rows,), block)
+            source, target = self._column_map(key, router, used_ids, z.device)
+            block = torch.zeros(count, len(used_ids), dtype=torch.float32, device=z.device)
+            block.index_copy_(1, target, route_gates.index_select(1, source).to(block.dtype))
+            gates = block if rows is None else gates.index_put((rows,), block)
         return gates, used_ids
+
+    def _column_map(self, key: str, router: Router, used_ids: list[int],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (router columns, gate-matrix columns) of the router's experts that are in use.
+
+        The index tensors are cached per router layout and used set, so a forward pass builds
+        no tensor from a Python list once the layout has been seen.
+        """
+        signature = (key, tuple(router.expert_ids), tuple(used_ids), device)
+        if signature not in self._columns:
+            column = {expert_id: c for c, expert_id in enumerate(used_ids)}
+            pairs = [(k, column[i]) for k, i in enumerate(router.expert_ids) if i in column]
+            source = torch.tensor([k for k, _ in pairs], dtype=torch.long, device=device)
+            target = torch.tensor([c for _, c in pairs], dtype=torch.long, device=device)
+            if len(self._columns) >= 256:
+                self._columns.clear()
+            self._columns[signature] = (source, target)
+        return self._columns[signature]
 
     def _mix(self, u: torch.Tensor, gates: torch.Tensor, used_ids: list[int]) -> torch.Tensor:
         """Apply all used experts in one down and one up product per (rank, activation) group."""
@@ -420,8 +470,15 @@ class MoELayer(nn.Module):
             low = flat @ down.T
             if ACTIVATIONS[activation] is not None:
                 low = ACTIVATIONS[activation](low)
-            weights = gates[:, columns].to(flat.dtype).repeat_interleave(rank, dim=1)
+            weights = select_columns(gates, columns).to(flat.dtype).repeat_interleave(rank, dim=1)
             low = low * weights[:, None, :]
             part = low @ up.T
             out = part if out is None else out + part
         return out.reshape(*u.shape[:-1], self.out_features)
+
+
+def select_columns(matrix: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    """Return ``matrix[:, columns]``, as a view without an index tensor when the columns are a range."""
+    if columns == list(range(columns[0], columns[0] + len(columns))):
+        return matrix[:, columns[0]:columns[0] + len(columns)]
+    return matrix[:, columns]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .backbone import Routes
 from .exceptions import CancelBatch, CancelPhase, ConfigError, PluginError
 from .hookspecs import hookimpl
@@ -84,7 +85,8 @@ class DefaultLoop:
         from .learner import Outputs
 
         route = learner.task_route(batch.task_index)
-        routes = Routes.uniform(route, len(batch), learner.device)
+        # The assignment stays on the CPU: MoE layers read it there without a device sync.
+        routes = Routes.uniform(route, len(batch))
         image_features = learner.backbone.encode_images(batch.images, routes)
         text_features = learner.class_text_features(task, route, template_index=0)
         logits = learner.backbone.logit_scale * image_features @ text_features.T
@@ -151,9 +153,11 @@ class DefaultLoop:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
         else:
             total.backward()
+        average_gradients(learner, batch, optimizer)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         hooks.igsp_after_backward(learner=learner, batch=batch, phase=phase)
         clip_gradients(learner, optimizer)
         if scaler is not None:
@@ -164,9 +168,10 @@ class DefaultLoop:
         if scheduler is not None:
             scheduler.step()
         losses = {"loss": loss.detach(), **{name: term.detach() for name, term in extras.items()}}
+        distributed.reduce_layer_stats(learner.backbone)
         hooks.igsp_after_step(learner=learner, batch=batch, losses=losses, phase=phase, step=learner.task_step)
         if learner.task_step % 10 == 0 or learner.task_step == 1:
-            learner.log({f"train/{name}": float(value) for name, value in losses.items()})
+            learner.log({f"train/{name}": float(value) for name, value in global_losses(batch, losses).items()})
 
 
 def merge_loss_terms(contributions: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
@@ -178,6 +183,37 @@ def merge_loss_terms(contributions: list[dict[str, torch.Tensor] | None]) -> dic
                 raise PluginError(f"Two plugins returned a loss term named {name!r}; rename one of them.")
             merged[name] = value
     return merged
+
+
+def average_gradients(learner: ContinualLearner, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
+    """Average the optimiser's gradients over the ranks of a torchrun run (a no-op in one process).
+
+    The gradients are all-reduced by hand after the backward pass instead of wrapping a model in
+    DistributedDataParallel: the trainable set changes with every phase and task (new candidates,
+    pruned experts, frozen history), which would need a new DDP wrapper each time, and the
+    ``igsp_after_backward`` hooks must see the averaged gradients. Each rank weights its gradient
+    by its share of the global batch, so the result is the gradient of the loss's mean over the
+    global batch. Under fp16 the averaging runs on the scaled gradients, before ``unscale_``, so
+    an overflow on any rank reaches every rank and all of them skip the same step.
+
+    NOTE: this is exact for losses that are means over samples (the default cross-entropy) plus
+    terms that depend only on the parameters. A loss term that is a non-linear function of a batch
+    statistic (a load-balancing loss on the batch's mean routing) is computed on the rank's shard
+    alone, so it differs from the single-process value.
+    """
+    if not distributed.is_distributed():
+        return
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    distributed.average_gradients(parameters, len(batch) / batch.global_size)
+
+
+def global_losses(batch: Batch, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return the loss terms of the global batch: each rank's values weighted by its share, summed."""
+    if not distributed.is_distributed() or not losses:
+        return losses
+    values = torch.stack([value.float() for value in losses.values()]) * (len(batch) / batch.global_size)
+    distributed.all_reduce_sum(values)
+    return dict(zip(losses, values))
 
 
 def clip_gradients(learner: ContinualLearner, optimizer: torch.optim.Optimizer) -> None:
