@@ -72,12 +72,14 @@ def list_backbones() -> list[str]:
 
 
 def _register_configs() -> None:
+    """Register igsp's open_clip configs and its named backbones (with their tower finders) once."""
     global _configs_registered
     if not _configs_registered:
         import open_clip
 
         open_clip.add_model_config(CONFIG_DIR)
         _configs_registered = True
+        from . import backbones  # noqa: F401  registers igsp-lite and the conv / HF tower finders
 
 
 class Backbone(nn.Module):
@@ -281,6 +283,7 @@ def load_backbone(
     (``.pt``, ``.pth``, ``.bin`` or ``.safetensors``).
     """
     pretrained = pretrained or ""
+    _register_configs()
     if model in _BACKBONES:
         backbone = _BACKBONES[model](pretrained=pretrained, cache_dir=cache_dir)
     else:
