@@ -130,7 +130,8 @@ def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str]) -> dict[st
     """Apply ``key=value`` overrides in order.
 
     A bare table name sets that table's main key: ``strategy=igsp`` sets ``strategy.name`` and
-    ``backbone=ViT-B-32`` sets ``backbone.model`` (and clears ``backbone.pretrained``). Short
+    ``backbone=ViT-B-32`` sets ``backbone.model`` (and clears ``backbone.pretrained``). Naming
+    another strategy drops the recipe's options of its own strategy. Short
     aliases: ``steps``, ``batch_size``, ``selector``, ``rank``, ``data.root``, ``data.layout``.
     """
     result = copy.deepcopy(recipe)
@@ -144,6 +145,9 @@ def apply_overrides(recipe: dict[str, Any], overrides: Iterable[str]) -> dict[st
         if parts == ["backbone"]:
             # Another model name means that model's default weights unless pretrained is set too.
             result.setdefault("backbone", {})["pretrained"] = ""
+        if parts == ["strategy"] and result.get("strategy", {}).get("name") != value:
+            # The recipe's strategy options belong to its own strategy, not to the new one.
+            result["strategy"] = {}
         if len(parts) == 1 and parts[0] in NAMED_SECTIONS:
             parts = [parts[0], NAMED_SECTIONS[parts[0]]]
         target = result

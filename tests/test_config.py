@@ -258,3 +258,11 @@ def test_settings_dict_round_trip():
     settings = resolve("strategy=igsp", "strategy.top_k=1", "data.root=/x", "seed=4", 'adapter.towers=["text"]')
 
     assert settings_from_dict(settings_to_dict(settings)) == settings
+
+
+def test_strategy_shorthand_drops_other_options():
+    recipe = {"strategy": {"name": "igsp", "check_every": 5}}
+    switched = apply_overrides(recipe, ["strategy=finetune"])
+    kept = apply_overrides(recipe, ["strategy=igsp"])
+    assert switched["strategy"] == {"name": "finetune"}
+    assert kept["strategy"] == {"name": "igsp", "check_every": 5}
