@@ -340,6 +340,10 @@ def report_interrupt(run_dir: Path) -> None:
 
 
 def print_run_end(results: RunResults, run_dir: Path) -> None:
+    from .distributed import is_main
+
+    if not is_main():
+        return
     out = state().out
     print_results(out, results)
     done, total = results.rows_done, len(results.task_names)

@@ -199,30 +199,29 @@ class RouterSelector:
         route = learner.task_route(task_index)
         if route is None:
             return
-        images, _ = learner.train_tensors(task)
         sums: dict[str, torch.Tensor] = {}
-        for start in range(0, images.shape[0], learner.settings.eval.batch_size):
-            batch = images[start:start + learner.settings.eval.batch_size].to(learner.device)
+        count = 0
+        for batch, _ in learner.image_batches(task, "train"):
             with torch.no_grad(), learner.autocast():
                 learner.backbone.encode_images(batch, None, capture=True)
                 means = self._task_divergence(learner, route, None)
             for key, mean in means.items():
                 sums[key] = sums.get(key, 0) + mean * batch.shape[0]
+            count += batch.shape[0]
         if not sums:
             logger.warning("Router selector: task %s has no routers in the image tower; it is never selected.", task.name)
             return
-        references = {key: value / images.shape[0] for key, value in sums.items()}
-        own = self._own_divergences(learner, images, route, references)
+        references = {key: value / count for key, value in sums.items()}
+        own = self._own_divergences(learner, task, route, references)
         self.task_indices.append(task_index)
         self.routes.append(route)
         self.references.append(references)
         self.thresholds.append(float(torch.quantile(own, self.config.percentile / 100.0)))
 
     @torch.no_grad()
-    def _own_divergences(self, learner, images, route, references) -> torch.Tensor:
+    def _own_divergences(self, learner, task, route, references) -> torch.Tensor:
         values = []
-        for start in range(0, images.shape[0], learner.settings.eval.batch_size):
-            batch = images[start:start + learner.settings.eval.batch_size].to(learner.device)
+        for batch, _ in learner.image_batches(task, "train"):
             with learner.autocast():
                 learner.backbone.encode_images(batch, None, capture=True)
             values.append(self._task_divergence(learner, route, references).float().cpu())
