@@ -58,6 +58,7 @@ DEFAULT_STRATEGIES = ("zeroshot", "finetune", "lora-per-task", "similarity-moe",
 TABLE_FILE = "comparison.csv"
 SUMMARY_FILE = "comparison.json"
 FIGURE_FILE = "comparison.png"
+FIGURE_COLUMNS = 4
 FINISHED, PARTIAL, FAILED = "finished", "partial", "failed"
 CUDA_MEMORY = "CUDA max allocated"
 PROCESS_MEMORY = "process peak RSS"
@@ -429,11 +430,16 @@ def write_figure(comparison: Comparison, path: Path) -> Path | None:
         return None
 
     drawn = [result for result in comparison.results if result.matrix]
-    figure = Figure(figsize=(3.6 * (len(drawn) + 1), 3.8), layout="constrained")
-    axes = figure.subplots(1, len(drawn) + 1, squeeze=False)[0]
+    panels = len(drawn) + 1
+    columns = min(FIGURE_COLUMNS, panels)
+    rows = math.ceil(panels / columns)
+    figure = Figure(figsize=(3.8 * columns, 3.6 * rows), layout="constrained")
+    axes = list(figure.subplots(rows, columns, squeeze=False).flat)
     for ax, result in zip(axes, drawn):
         _draw_matrix(ax, result, comparison.task_names)
-    _draw_scatter(axes[-1], comparison.results)
+    _draw_scatter(axes[len(drawn)], comparison.results)
+    for ax in axes[panels:]:
+        ax.set_axis_off()
     FigureCanvasAgg(figure)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.png")
