@@ -45,7 +45,7 @@ _configs_registered = False
 
 @dataclass
 class Routes:
-    """Which router each sample of a batch uses: ``keys[assignment[n]]``, or none for -1."""
+    """Per-sample router assignment: sample n uses ``keys[assignment[n]]``, or no experts for -1."""
 
     keys: list[str]
     assignment: torch.Tensor
@@ -203,7 +203,7 @@ class Backbone(nn.Module):
         record: bool = False,
         capture: bool = False,
     ) -> torch.Tensor:
-        """Return L2-normalised image features, each sample routed as ``routes`` says."""
+        """Return L2-normalised image features, each sample routed as ``routes`` assigns it."""
         with self.routing("image", routes, record=record, capture=capture):
             features = self.clip.encode_image(images)
         return F.normalize(features.float(), dim=-1)

@@ -175,7 +175,7 @@ class LoopSpec:
     ) -> None:
         """Fire after each optimiser step; ``step`` counts the task's steps from 1.
 
-        ``losses`` holds detached scalar tensors (``loss`` and each extra term); call ``float()``
+        ``losses`` contains detached scalar tensors (``loss`` and each extra term); call ``float()``
         only when a value is needed, because that waits for the device.
 
         Raise :class:`~igsp.exceptions.CancelPhase` to end the current phase.

@@ -409,7 +409,7 @@ class MoELayer(nn.Module):
     def forward(self, u: torch.Tensor, z: torch.Tensor, context: RoutingContext) -> torch.Tensor | None:
         """Return the experts' contribution for input ``u`` (N, ..., in), or None if no sample uses one.
 
-        ``z`` (N, in) holds each sample's routing token.
+        ``z`` (N, in) contains each sample's routing token.
         """
         if context.capture:
             self.captured_tokens = z.detach()

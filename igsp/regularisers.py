@@ -21,7 +21,7 @@ __all__ = ["LayerView", "SubspaceRegulariser"]
 
 @dataclass
 class LayerView:
-    """What a regulariser may read of one layer while a task trains."""
+    """Read-only view of one layer for a regulariser while a task trains."""
 
     key: str
     layer: MoELayer

@@ -1,4 +1,4 @@
-"""Task selectors: choose, per test image, which trained task's experts answer it.
+"""Task selectors: choose, per test image, the trained task whose experts classify it.
 
 A selector is a plugin object implementing ``igsp_select_tasks`` (returning a task index per image,
 or -1 for the frozen backbone) and, when it keeps statistics, ``igsp_after_task`` plus
@@ -160,9 +160,9 @@ class RouterSelector:
     """iGSP's own selector: compare each task's routing of the frozen tokens with its training routing.
 
     From one frozen forward pass the selector applies every trained task's routers to the frozen
-    routing tokens of every layer and sums, over layers, the KL divergence between the resulting
-    dense distribution and the task's mean distribution on its training data; the task with the
-    smallest sum wins, with the same percentile fallback as the prototype selector. It needs
+    routing tokens of every layer. Per task, it sums over layers the KL divergence between the
+    resulting dense distribution and the task's mean distribution on its training data. The task
+    with the smallest sum wins, with the same percentile fallback as the prototype selector. It needs
     learned routers: tasks whose routes have none all look alike to it.
     """
 

@@ -22,7 +22,7 @@ __all__ = [
 
 @dataclass
 class BackboneSettings:
-    """Which CLIP model to load and how to run it."""
+    """The CLIP model to load and the device and precision to run it with."""
 
     model: str = "igsp-vit-small"
     pretrained: str = ""
@@ -69,7 +69,7 @@ class EvalSettings:
 
 @dataclass
 class AdapterSettings:
-    """Where experts go and their shape; strategies read these."""
+    """Placement and shape of experts, read by strategies."""
 
     rank: int = 8
     scale: float = 1.0

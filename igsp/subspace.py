@@ -111,7 +111,7 @@ class ConvergenceDetector:
 
 @dataclass
 class PruneDecision:
-    """Which experts of one layer a task deletes (candidates) and masks out (historical)."""
+    """Pruning outcome for one layer: candidates to delete, historical experts to mask, experts kept."""
 
     threshold: float
     delete: list[int]

@@ -33,6 +33,6 @@ class Strategy:
 
 
 def inject_from_settings(learner: ContinualLearner) -> list[str]:
-    """Inject MoE layers where the recipe's ``[adapter]`` section says and return their keys."""
+    """Inject MoE layers where the recipe's ``[adapter]`` section places them and return their keys."""
     settings = learner.settings.adapter
     return learner.backbone.inject(settings.towers, settings.blocks or None)

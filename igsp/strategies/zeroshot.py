@@ -1,4 +1,4 @@
-"""The zero-shot reference: no training, the frozen backbone answers every task."""
+"""The zero-shot reference: no training, the frozen backbone classifies every task."""
 
 from __future__ import annotations
 
