@@ -394,3 +394,32 @@ def test_cli_build_unknown_name(tmp_path):
     assert result.exit_code != 0
     assert isinstance(result.exception, BackboneError)
     assert "no-such-backbone" in str(result.exception)
+
+
+# ---- every strategy on igsp-lite --------------------------------------------------------------------
+
+
+def _strategy_names() -> list[str]:
+    from igsp.plugins import get_registry
+
+    return sorted(get_registry().strategies)
+
+
+@pytest.mark.parametrize("strategy", _strategy_names())
+def test_every_strategy_one_step_on_lite(strategy, tokenizer):
+    from igsp import ContinualLearner, RunSettings
+    from igsp.data.synthetic import build_synthetic_stream
+
+    torch.manual_seed(0)
+    _, transform = lite.build_transforms()
+    backbone = Backbone(lite.build_clip().eval(), tokenizer, transform, name=lite.NAME)
+    settings = RunSettings()
+    settings.train.steps = 1
+    settings.train.batch_size = 4
+    settings.train.warmup_steps = 0
+    settings.adapter.rank = 2
+    settings.eval.selector = "oracle"
+    stream = build_synthetic_stream(["colors", "stripes"], train_per_class=4, test_per_class=2)
+    results = ContinualLearner(backbone, stream, strategy, settings=settings).fit_stream()
+    assert results.rows_done == 2
+    assert all(0.0 <= value <= 100.0 for row in results.matrix for value in row)
