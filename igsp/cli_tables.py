@@ -172,8 +172,11 @@ def format_info_value(value: Any) -> str:
 
 
 def task_info_table(results: RunResults) -> Table:
-    """Return training seconds and whatever facts strategies stored per task (``task_info``)."""
-    table = Table(title="Per-task facts", title_justify="left")
+    """Return training seconds and the facts strategies stored per task (``task_info``).
+
+    Tables and lists of more than six entries (per-layer details) stay in results.json only.
+    """
+    table = Table(title="Per-task facts (per-layer details: results.json)", title_justify="left")
     table.add_column("Task", no_wrap=True)
     table.add_column("Train (s)", justify="right")
     table.add_column("Stored by the strategy", overflow="fold")
@@ -181,7 +184,11 @@ def task_info_table(results: RunResults) -> Table:
     for name in results.task_names:
         seconds = results.train_seconds.get(name)
         info = results.task_info.get(name, {})
-        facts = "\n".join(f"{key}: {format_info_value(value)}" for key, value in info.items())
+        facts = "\n".join(
+            f"{key}: {format_info_value(value)}"
+            for key, value in info.items()
+            if not (isinstance(value, (dict, list)) and len(value) > 6)
+        )
         table.add_row(plain(name), "" if seconds is None else f"{seconds:.2f}", plain(facts))
     return table
 

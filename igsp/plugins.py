@@ -126,6 +126,10 @@ def _allowed_entry_points() -> list[metadata.EntryPoint]:
     allowed = _split_env("IGSP_LOAD_PLUGINS")
     blocked = set(_split_env("IGSP_DISABLE_PLUGINS") or [])
     points = []
+    installed = {entry_point.name for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    unknown = sorted(set(allowed or []) - installed)
+    if unknown:
+        logger.warning("IGSP_LOAD_PLUGINS names %s, which are not installed; installed plugins: %s.", unknown, sorted(installed))
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry_point.name in blocked or (allowed is not None and entry_point.name not in allowed):
             logger.debug("Skipping plugin %s (IGSP_LOAD_PLUGINS / IGSP_DISABLE_PLUGINS).", entry_point.name)

@@ -16,9 +16,14 @@ DEBIAN_NO_RECOMMENDS=(tuxpaint-stamps-default)
 log() { printf '[setup] %s\n' "$*"; }
 
 pip_install() {
-    # pip lists every extra index it cannot read; keep its real messages only.
-    "$VENV/bin/pip" install --disable-pip-version-check -q "$@" 2>&1 | grep -v '^WARNING: Location' || true
-    return "${PIPESTATUS[0]}"
+    # pip lists every extra index it cannot read; print its real messages only, keep its status.
+    local output status=0
+    output=$("$VENV/bin/pip" install --disable-pip-version-check -q "$@" 2>&1) || status=$?
+    printf '%s\n' "$output" | grep -v -e '^WARNING: Location' -e '^$' || true
+    if [ "$status" -ne 0 ]; then
+        log "pip install $* failed with exit status $status; see the messages above."
+        exit "$status"
+    fi
 }
 
 install_debian_packages() {
@@ -31,7 +36,7 @@ install_debian_packages() {
         return
     fi
     if [ "$(id -u)" -ne 0 ]; then
-        log "Missing Debian packages: ${missing[*]}. Run as root: apt-get update && apt-get install ${missing[*]}"
+        log "Missing Debian packages: ${missing[*]}. Run as root: apt-get update && apt-get install -y ${DEBIAN_PACKAGES[*]} && apt-get install -y --no-install-recommends ${DEBIAN_NO_RECOMMENDS[*]}"
         return
     fi
     log "Installing Debian packages: ${missing[*]}"
@@ -66,8 +71,8 @@ pip_install -e ".[test,offline,plot]" -e plugins/igsp-baselines
 # animal-mnist declares TensorFlow as a dependency that its data does not need.
 pip_install --no-deps animal-mnist
 
-if [ "${IGSP_SKIP_BACKBONE:-0}" != 1 ] && "$VENV/bin/igsp" backbone --help >/dev/null 2>&1; then
-    log "Building the offline backbone igsp-lite (cached after the first time)"
+if [ "${IGSP_SKIP_BACKBONE:-0}" != 1 ]; then
+    log "Building the offline backbone igsp-lite (about 2 to 6 minutes the first time, cached after)"
     "$VENV/bin/igsp" --quiet backbone build igsp-lite
 fi
 log "Done. Activate with: source $VENV/bin/activate"
