@@ -292,6 +292,8 @@ class ContinualLearner:
         return _Transformed(dataset, transform, task, split)
 
     def _loader(self, dataset: torch.utils.data.Dataset, **options: Any) -> torch.utils.data.DataLoader:
+        # NOTE: a 2-process gloo run on a 2-core CPU once hung here with one forked worker per
+        # rank (rank 0 waiting on its worker's queue); the cause is not known yet.
         workers = self.settings.train.num_workers
         return torch.utils.data.DataLoader(
             dataset, num_workers=workers, pin_memory=self.device.type == "cuda",

@@ -72,7 +72,7 @@ tau_factor = 1.0"""
 # The finetune run reads images through DataLoader workers instead of the tensor cache, so the
 # comparison also covers the streamed, sharded input path.
 CASES = {
-    "finetune": {"steps": 6, "options": "", "cache_images": "false", "num_workers": 1},
+    "finetune": {"steps": 6, "options": "", "cache_images": "false", "num_workers": 0},
     "igsp": {"steps": 8, "options": IGSP_OPTIONS, "cache_images": "true", "num_workers": 0},
 }
 
