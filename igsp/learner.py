@@ -60,7 +60,7 @@ class Batch:
 
 @dataclass
 class Outputs:
-    """What a forward pass returns: logits over the task's classes and the features behind them."""
+    """Output of a forward pass: logits over the task's classes and the features behind them."""
 
     logits: torch.Tensor
     image_features: torch.Tensor | None = None
@@ -293,7 +293,7 @@ class ContinualLearner:
 
     def _loader(self, dataset: torch.utils.data.Dataset, **options: Any) -> torch.utils.data.DataLoader:
         # NOTE: a 2-process gloo run on a 2-core CPU once hung here with one forked worker per
-        # rank (rank 0 waiting on its worker's queue); the cause is not known yet.
+        # rank, rank 0 waiting on its worker's queue. The cause is not known yet.
         workers = self.settings.train.num_workers
         return torch.utils.data.DataLoader(
             dataset, num_workers=workers, pin_memory=self.device.type == "cuda",

@@ -1,7 +1,7 @@
 """Mixture-of-experts low-rank layers: expert pools, per-task routers and the batched forward.
 
 One :class:`MoELayer` sits beside one transformer block's MLP (or one convolutional block) and
-adds ``sum_j g_j(z) * s_j * B_j act(A_j u)`` to that module's output, where ``u`` is the module's
+adds ``sum_j g_j(z) * s_j * B_j act(A_j u)`` to that module's output. Here ``u`` is the module's
 input, ``z`` the sample's routing token and ``g`` the gates of the router chosen for the sample.
 Experts live in a pool that strategies grow and shrink; each task owns routers over a subset of
 the pool. The forward pass computes every expert that a batch uses in two matrix products, so

@@ -3,10 +3,10 @@
 Per task, in every MoE layer:
 
 1. phase ``subspace``: add candidate experts (orthonormal ``A``, ``B = 0``) and a zero-initialised
-   router over historical and candidate experts; route densely; train the router and the
+   router over historical and candidate experts, routed densely. Train the router and the
    candidates with cross-entropy plus a regulariser that pulls the candidates' down-projections
-   into the historical subspace; stop when the routers converge (or at a cap); prune candidates
-   whose mean routing probability is under tau and mask out historical experts under it;
+   into the historical subspace. Stop when the routers converge (or at a cap), then delete
+   candidates whose mean routing probability is under tau and mask out historical experts under it;
 2. phase ``orthogonal``: top-k routing over the survivors; train the router and the surviving
    candidates, with each survivor's down-projection update stripped of its component inside the
    historical subspace;
@@ -230,8 +230,8 @@ class IGSP(Strategy):
     def _project_updates(self, learner: ContinualLearner, state: TaskState) -> None:
         """Remove the part of each survivor's optimiser update that lies in the historical subspace.
 
-        Projecting the gradient alone is not enough under AdamW, whose per-coordinate scaling and
-        weight decay move ``A`` inside the subspace too; projecting the update is exact.
+        Projecting the gradient alone is not enough under AdamW, because its per-coordinate scaling
+        and weight decay move ``A`` inside the subspace too. Projecting the update is exact.
         """
         with torch.no_grad():
             for (key, expert_id), before in state.before_step.items():
