@@ -1,8 +1,8 @@
 """Task-agnostic evaluation of the whole stream after each task.
 
-For every test batch: one frozen forward pass gives the features that the task selector reads and
-the zero-shot answer for samples that fall back to the frozen backbone; one routed pass, with each
-sample sent through the experts of its selected task, answers the others. Class text features are
+For every test batch, one frozen forward pass gives the features that the task selector reads and
+the zero-shot prediction for samples that fall back to the frozen backbone. One routed pass, with
+each sample sent through the experts of its selected task, predicts the others. Class text features are
 computed once per (evaluated task, route) in each evaluation round.
 
 Under torchrun each rank evaluates a contiguous part of every test set and the correct, selected
@@ -121,7 +121,7 @@ class RouteTable:
     """The distinct routes of the trained tasks and, per task index, the column of its route.
 
     ``columns[j]`` indexes ``keys`` for task ``j``, or is -1 where the task has no route (the
-    frozen backbone answers). The last entry, for selection -1, is always -1.
+    frozen backbone predicts). The last entry, for selection -1, is always -1.
     """
 
     keys: list[str]

@@ -1,7 +1,7 @@
 """The continual learner: owns the stream -> task -> phase -> batch loop and fires the hooks.
 
 The learner contains no strategy logic. Expansion, regularisation, pruning, routing and task
-selection live in strategy and selector plugins that it reaches only through hooks; the same loop
+selection live in strategy and selector plugins that it reaches only through hooks. The same loop
 therefore runs every strategy with the same data order, budget and evaluation.
 """
 

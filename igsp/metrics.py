@@ -105,7 +105,7 @@ def per_task(matrix) -> dict[str, list[float]]:
 def summary(matrix, per_task_decimals: int | None = None) -> dict[str, float]:
     """Return Transfer, Avg, Last, backward transfer and forgetting in one dict.
 
-    Published MTIL tables round each task's value to one decimal before averaging over tasks;
+    Published MTIL tables round each task's value to one decimal before averaging over tasks, so
     ``per_task_decimals=1`` reproduces their numbers exactly (the sequential fine-tuning matrix
     has Avg 55.85 unrounded and 55.9 in print).
     """

@@ -180,7 +180,7 @@ class Router(nn.Module):
     def gates(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(gates, dense_probabilities)``, both (N, len(expert_ids)).
 
-        Gates equal the dense probabilities under dense gating; under top-k gating they keep the
+        Gates equal the dense probabilities under dense gating. Under top-k gating they keep the
         k largest (after optional training noise) and renormalise them to sum to 1.
         """
         dense = self.probabilities(z)

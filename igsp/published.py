@@ -19,7 +19,7 @@ __all__ = ["import_matrix", "PUBLISHED_ORDER1", "CIFAR10_COLUMN_ORDER1"]
 CIFAR10_COLUMN_ORDER1 = 2
 
 # Order-I full-shot Transfer / Avg / Last (percent) of earlier methods, as the MTIL literature
-# quotes them (the methods' own papers); igsp does not re-measure these.
+# quotes them from the methods' own papers. igsp does not re-measure these.
 PUBLISHED_ORDER1 = {
     "zero-shot CLIP": (69.4, 65.3, 65.3),
     "ZSCL": (68.1, 75.4, 83.6),
@@ -38,7 +38,7 @@ def import_matrix(path: str | Path, drop_column: int = CIFAR10_COLUMN_ORDER1) ->
         raise DataError(f"Matrix file {str(path)!r} does not exist.")
     matrix = _read(path)
     if matrix.ndim != 2:
-        raise DataError(f"{str(path)!r} holds a {matrix.ndim}-d array; expected a 2-d accuracy matrix.")
+        raise DataError(f"{str(path)!r} contains a {matrix.ndim}-d array; expected a 2-d accuracy matrix.")
     rows, columns = matrix.shape
     if columns == rows + 1:
         if not 0 <= drop_column < columns:

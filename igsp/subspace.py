@@ -1,6 +1,6 @@
 """Pure functions of iGSP: historical subspaces, projections, router convergence and pruning rules.
 
-Down-projections ``A`` are (rank, d) matrices whose rows live in the layer's input space; the
+Down-projections ``A`` are (rank, d) matrices whose rows live in the layer's input space. The
 historical subspace of a layer is the row space of its frozen experts' stacked ``A``. None of these
 functions touches a learner, so each is tested on its own.
 """

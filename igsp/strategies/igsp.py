@@ -7,7 +7,7 @@ Per task, in every MoE layer:
    candidates with cross-entropy plus a regulariser that pulls the candidates' down-projections
    into the historical subspace. Stop when the routers converge (or at a cap), then delete
    candidates whose mean routing probability is under tau and mask out historical experts under it;
-2. phase ``orthogonal``: top-k routing over the survivors; train the router and the surviving
+2. phase ``orthogonal``: top-k routing over the survivors. Train the router and the surviving
    candidates, with each survivor's down-projection update stripped of its component inside the
    historical subspace;
 3. after the task: freeze the survivors, which join the history; keep the router for inference.
