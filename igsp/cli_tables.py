@@ -163,12 +163,23 @@ def selector_note(results: RunResults) -> Text:
 
 
 def format_info_value(value: Any) -> str:
-    """Format one ``task_info`` value: floats with 4 significant digits, containers as compact JSON."""
+    """Format one ``task_info`` value: floats with 4 significant digits, also inside lists and tables."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, separators=(", ", ": "), default=str)
+        return json.dumps(round_floats(value), separators=(", ", ": "), default=str)
     return str(value)
+
+
+def round_floats(value: Any) -> Any:
+    """Return ``value`` with every float inside rounded to 4 significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {key: round_floats(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_floats(item) for item in value]
+    return value
 
 
 def task_info_table(results: RunResults) -> Table:

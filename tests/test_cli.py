@@ -338,3 +338,17 @@ def test_report_needs_folder_or_import(runner):
     result = runner.invoke(app, ["report"])
     assert result.exit_code == 2
     assert "--import" in result.stderr
+
+
+def test_info_value_rounds_list_floats():
+    from igsp.cli_tables import format_info_value
+
+    assert format_info_value([0.20415653338034948, 0.0939605961961206]) == "[0.2042, 0.09396]"
+
+
+def test_info_value_rounds_nested_floats():
+    from igsp.cli_tables import format_info_value
+
+    assert format_info_value({"layer": [1.23456789], "kept": 3}) == '{"layer": [1.235], "kept": 3}'
+    assert format_info_value(0.61272758) == "0.6127"
+    assert format_info_value("capped") == "capped"
