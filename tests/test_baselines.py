@@ -62,16 +62,6 @@ def make_settings(steps: int = 2) -> RunSettings:
     return settings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's tiny models on one thread: they gain nothing from more, and idle
-    intra-op threads slow every operation down many times when other processes share the CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def stream() -> TaskStream:
     return build_synthetic_stream(train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER_CLASS)

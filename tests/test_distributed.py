@@ -77,15 +77,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Match torchrun, which starts each rank with OMP_NUM_THREADS=1."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def write_recipe(folder: Path, strategy: str) -> Path:
     path = folder / f"{strategy}.toml"
     path.write_text(RECIPE.format(strategy=strategy, lr=LEARNING_RATE, test_per_class=TEST_PER_CLASS, **CASES[strategy]), encoding="utf-8")

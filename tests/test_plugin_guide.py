@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pluggy
 import pytest
-import torch
 
 from igsp import ConfigError, ContinualLearner, RunSettings, hookimpl
 from igsp.data.synthetic import build_synthetic_stream
@@ -29,15 +28,6 @@ def fenced_block(text: str, language: str, after: str = "") -> str:
     match = re.compile(rf"^```{language}\n(.*?)^```", re.S | re.M).search(text, start)
     assert match is not None, f"no ```{language} block after {after!r} in {GUIDE}"
     return match.group(1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run the tiny model on one thread: idle intra-op threads slow it down on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ from igsp.training import make_grad_scaler
 TEST_PER_CLASS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run the tiny model on one thread: idle intra-op threads slow it down on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @dataclass
 class PrecisionRun:
     learner: ContinualLearner

@@ -79,15 +79,12 @@ def test_table_gap_per_seed(reference, capsys):
     assert rows["b"] == ["70.0", "71.0", "+1.0"]
 
 
-def test_cli_rejects_repeated_seed(tmp_path, monkeypatch):
+def test_cli_rejects_repeated_seed(reference, tmp_path, monkeypatch):
     path = write_record(tmp_path / "a.json", "smoke", "igsp", [], [0])
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "smoke", "--seeds", "0", "--merge", path, "--out", str(tmp_path / "out")])
-    spec = importlib.util.spec_from_file_location("single_task_reference_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
 
     with pytest.raises(SystemExit, match="repeat across --seeds and --merge"):
-        module.main()
+        reference.main()
     assert not (tmp_path / "out").exists()
 
 
@@ -104,8 +101,8 @@ def test_run_seed_smoke_oracle(reference):
 
 
 def test_first_task_matches_alone(reference):
-    # The first task has no history and the same task seed in both runs, and the oracle selector
-    # forgets nothing, so its last-row accuracy must equal its single-task accuracy.
+    # The first task has no history and the same task seed in both runs. With the oracle selector
+    # no later task changes its accuracy, so its last-row accuracy equals its single-task accuracy.
     record = reference.run_seed("smoke", ["strategy=igsp", "selector=oracle", "steps=4"], seed=1)
 
     _, last, alone = record["per_task"][0]
